@@ -1,0 +1,46 @@
+"""Demo task (sorting integers), its shipped small AR teacher and an offline exact-match metric."""
+
+from .task import (
+    EOS_TOKEN,
+    MAX_NEW_TOKENS,
+    METRIC_PATH,
+    PAD_TOKEN,
+    RESERVED_TOKEN,
+    TEACHER_PATH,
+    build_tokenizer,
+    evaluate_ar,
+    exact_match,
+    extract_answer,
+    generate_ar,
+    load_exact_match_metric,
+    load_teacher,
+    make_prompt,
+    make_splits,
+    parse_prompt,
+    score,
+    solve,
+    tokenize_example,
+)
+
+
+__all__ = [
+    "EOS_TOKEN",
+    "MAX_NEW_TOKENS",
+    "METRIC_PATH",
+    "PAD_TOKEN",
+    "RESERVED_TOKEN",
+    "TEACHER_PATH",
+    "build_tokenizer",
+    "evaluate_ar",
+    "exact_match",
+    "extract_answer",
+    "generate_ar",
+    "load_exact_match_metric",
+    "load_teacher",
+    "make_prompt",
+    "make_splits",
+    "parse_prompt",
+    "score",
+    "solve",
+    "tokenize_example",
+]
