@@ -171,6 +171,35 @@ def _check_attn_implementation(model: PreTrainedModel) -> str:
     return impl
 
 
+def select_attn_implementation(model: PreTrainedModel) -> str:
+    """Picks the attention kernel for block masks, and logs why.
+
+    Flex attention evaluates the block mask sparsely (whole blocks skipped) and is the fast path on CUDA. Elsewhere
+    (CPU, MPS) its compiled kernels are not dependable for the sampler's cached decoding, so the model keeps its sdpa
+    (boolean mask) or eager kernel. An explicit `eager` choice is always kept (some models need it, e.g. for logit
+    soft-capping).
+    """
+    current = model.config._attn_implementation or "eager"
+    device = next(model.parameters()).device
+    if current == "eager":
+        choice, reason = "eager", "the model was loaded with eager attention"
+    elif device.type == "cuda" and _flex_attention_available():
+        choice, reason = "flex_attention", "CUDA device and torch flex attention available"
+    else:
+        choice = "sdpa"
+        reason = f"device {device.type}: sdpa with a boolean block mask (flex attention is used on CUDA only)"
+    logger.info("Block-causal attention kernel: %s (%s).", choice, reason)
+    return choice
+
+
+def _flex_attention_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _setup_mask_token(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mask_token: str | None
 ) -> tuple[int, bool]:
@@ -205,6 +234,7 @@ def convert_to_dlm(
     block_size: int = 4,
     bidirectional: bool = False,
     mask_token: str | None = None,
+    attn_implementation: str = "auto",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Turns a causal LM into a block-diffusion LM, in place: same weights, a mask token, block-causal attention.
 
@@ -219,6 +249,9 @@ def convert_to_dlm(
             own `config.is_causal = False` switch; the KV cache is then not exact and the sampler runs uncached.
         mask_token: The mask token. Default: the tokenizer's mask token, else an unused reserved special token of the
             vocabulary, else a new `<|mask|>` (embeddings are resized).
+        attn_implementation: Kernel for the block masks. `"auto"` (default) picks it with
+            `select_attn_implementation` and logs the choice: flex attention with a block mask on CUDA, else the
+            model's own sdpa/eager kernel with a materialised mask. Or one of `SUPPORTED_ATTN_IMPLEMENTATIONS`.
 
     Returns:
         The converted model and tokenizer (the same objects, modified).
@@ -233,6 +266,13 @@ def convert_to_dlm(
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer (paper: 4), got {block_size!r}.")
     _check_attn_implementation(model)
+    chosen = select_attn_implementation(model) if attn_implementation == "auto" else attn_implementation
+    if chosen not in SUPPORTED_ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation must be 'auto' or one of {SUPPORTED_ATTN_IMPLEMENTATIONS}, got {chosen!r}."
+        )
+    if chosen != model.config._attn_implementation:
+        model.set_attn_implementation(chosen)
     if tokenizer.pad_token is None:
         logger.warning(
             "The tokenizer has no pad token; using its EOS token %r as pad token, as TRL does.", tokenizer.eos_token

@@ -144,3 +144,65 @@ def test_same_block_overlay_alignment():
     assert m[0].nonzero().flatten().tolist() == [0, 1]
     assert m[3].nonzero().flatten().tolist() == [2, 3, 4, 5]
     assert m[9].nonzero().flatten().tolist() == [6, 7, 8, 9]
+
+
+def test_attention_kernel_selection(tokenizer, monkeypatch, caplog):
+    import opdlm_trl.attention as attention
+
+    model = make_model("qwen3", vocab_size=len(tokenizer))
+    with caplog.at_level(logging.INFO, logger="opdlm_trl.attention"):
+        assert attention.select_attn_implementation(model) == "sdpa"  # CPU: sdpa with a boolean mask
+    assert "sdpa" in caplog.text
+    eager = make_model("qwen3", vocab_size=len(tokenizer), attn_implementation="eager")
+    assert attention.select_attn_implementation(eager) == "eager"
+
+    class FakeDevice:
+        type = "cuda"
+
+    class FakeParam:
+        device = FakeDevice()
+
+    monkeypatch.setattr(type(model), "parameters", lambda self: iter([FakeParam()]))
+    assert attention.select_attn_implementation(model) == "flex_attention"
+    monkeypatch.setattr(attention, "_flex_attention_available", lambda: False)
+    assert attention.select_attn_implementation(model) == "sdpa"
+
+
+def test_flex_attention_forward_is_block_causal(tokenizer):
+    # Flex attention is the GPU fast path; its (uncached) forward also runs on CPU and must give the same mask reach.
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    model = make_model("qwen3", vocab_size=len(tokenizer))
+    model, _ = convert_to_dlm(model, tokenizer, attn_implementation="flex_attention")
+    ids = torch.randint(5, 40, (1, 11))
+    sdpa = make_model("qwen3", vocab_size=len(tokenizer))
+    sdpa, _ = convert_to_dlm(sdpa, make_tokenizer(), attn_implementation="sdpa")
+    torch.testing.assert_close(_logits(model, ids), _logits(sdpa, ids), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_gradient_checkpointing_same_gradients(tokenizer, attn):
+    """Gradient checkpointing recomputes the forward with the same block mask: identical gradients."""
+    grads = []
+    ids = torch.randint(5, 40, (2, 12))
+    for checkpointing in (False, True):
+        model = make_model("llama", vocab_size=len(tokenizer), attn_implementation=attn)
+        model, _ = convert_to_dlm(model, make_tokenizer(), block_size=4)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        custom = make_4d_mask(model, lambda b, h, q, kv: kv <= q + 2, 2, 12, 12)  # an explicit 4-D layout too
+        loss = model(input_ids=ids).logits.logsumexp(-1).mean() + model(input_ids=ids, attention_mask=custom).logits[
+            ..., 0
+        ].mean()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_keeps_block_reach(tokenizer):
+    model = make_model("qwen3", vocab_size=len(tokenizer)).to(torch.bfloat16)
+    model, _ = convert_to_dlm(model, tokenizer, block_size=4)
+    ids = torch.randint(5, 40, (1, 11))
+    assert _changed_positions(model, ids, 8, tol=0) == [7, 8, 9, 10]
