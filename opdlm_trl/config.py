@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 from trl import DistillationConfig
@@ -35,7 +36,7 @@ def cosine_length_curriculum(
         return final_length
     progress = max(rollout, 0) / num_rollouts
     length = start_length + (final_length - start_length) * (1.0 - math.cos(math.pi * progress)) / 2.0
-    length = int(round(length / block_size)) * block_size
+    length = int(math.floor(length / block_size + 0.5)) * block_size  # round half up
     return max(min(length, final_length), min(block_size, final_length))
 
 
@@ -253,6 +254,23 @@ class OPDLMConfig(DistillationConfig):
                 )
         if self.curriculum_rollouts < 0:
             raise ValueError(f"curriculum_rollouts must be >= 0, got {self.curriculum_rollouts}.")
+        ignored = [
+            name
+            for name, value, default in (
+                ("min_p", self.min_p, None),
+                ("repetition_penalty", self.repetition_penalty, 1.0),
+                ("generation_kwargs", self.generation_kwargs, None),
+                ("cache_implementation", self.cache_implementation, None),
+            )
+            if value != default
+        ]
+        if ignored:
+            warnings.warn(
+                f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored by OPDLM: rollouts use the "
+                "block-diffusion sampler, which takes temperature, top_k, top_p, steps_per_block and threshold.",
+                UserWarning,
+                stacklevel=2,
+            )
         if self.use_vllm:
             raise ValueError(
                 "use_vllm=True is not supported by OPDLM: rollouts use the block-diffusion sampler "

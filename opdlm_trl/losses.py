@@ -6,7 +6,8 @@ Two paths compute the same per-token divergences:
   `ChunkedDivergenceFunction`, which projects to the vocabulary tile by tile so that neither model's `[N, V]` logits
   exist in full (forward and backward).
 - `dense_divergence`: from logits; needed for `teacher_top_k` (a sum restricted to the teacher's top-k tokens, without
-  renormalisation). `dense_divergence_from_hidden` projects the hidden states first.
+  renormalisation; such a partial sum is no longer a divergence and can be negative, e.g. for the reverse KL).
+  `dense_divergence_from_hidden` projects the hidden states first.
 
 Divergences (`p_t` teacher, `p_s` student, both softmaxes at temperature `temperature` over the compared vocabulary):
 

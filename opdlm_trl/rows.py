@@ -244,7 +244,7 @@ def row_mask_function(
         xt_rows = ~q_ctx & ((kv_ctx & (kv_blk_ctx < q_blk_xt)) | (~kv_ctx & (kv_blk_xt == q_blk_xt)))
         allowed = ctx_rows | xt_rows
         if valid is not None:
-            allowed = (allowed & valid[batch_idx, kv_idx]) | (q_idx == kv_idx)
+            allowed = (allowed & valid[batch_idx, kv_idx] & valid[batch_idx, q_idx]) | (q_idx == kv_idx)
         return allowed
 
     return inner
