@@ -284,6 +284,9 @@ def convert_to_dlm(
         logger.warning("Added mask token %r (id %d) and resized the embeddings.", tokenizer.mask_token, mask_token_id)
 
     for config in _configs(model):
+        if resized:
+            # The original model has no row for the added mask token: distillation compares this many tokens.
+            config.dlm_original_vocab_size = mask_token_id
         config.dlm_block_size = block_size
         config.mask_token_id = mask_token_id
         config.dlm_attention = BIDIRECTIONAL if bidirectional else BLOCK_CAUSAL

@@ -302,6 +302,8 @@ def diffusion_generate(
             if bool(is_eos.any()):
                 after_eos = is_eos.long().cumsum(1) - is_eos.long() > 0
                 block[after_eos & (block == mask_token_id)] = pad_token_id
+                # ... and, as in the training rows, nothing after an EOS is attended.
+                full_mask[:, prompt_len + start : prompt_len + end][after_eos] = 0
             step += 1
         finished |= torch.isin(x[:, start:end], eos_tensor).any(1)
         pending = x[:, start:end]

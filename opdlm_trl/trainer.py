@@ -262,6 +262,8 @@ class OPDLMTrainer(DLMHubMixin, DistillationTrainer):
                 )
             if tokenizer.mask_token_id is None:
                 tokenizer.mask_token = tokenizer.convert_ids_to_tokens(hf_model.config.mask_token_id)
+            # Set by `convert_to_dlm` when it had to add the mask token (the original weights lack that row).
+            self._teacher_vocab_limit = getattr(hf_model.config, "dlm_original_vocab_size", None)
         else:
             vocab_before = _vocab_rows(hf_model)
             convert_to_dlm(hf_model, tokenizer, block_size=args.block_size, mask_token=args.mask_token)

@@ -77,6 +77,7 @@ def test_mask_token_reuses_reserved_token():
     assert model.config.mask_token_id == tok.convert_tokens_to_ids(RESERVED_TOKEN)
     assert model.get_input_embeddings().weight.shape[0] == vocab_before
     assert model.config.dlm_block_size == 4 and is_dlm(model)
+    assert getattr(model.config, "dlm_original_vocab_size", None) is None  # nothing was added
 
 
 def test_mask_token_added_and_embeddings_resized():
@@ -88,6 +89,7 @@ def test_mask_token_added_and_embeddings_resized():
     assert tok.mask_token_id == n == model.config.mask_token_id
     assert model.get_input_embeddings().weight.shape[0] == n + 1
     assert model.get_output_embeddings().weight.shape[0] == n + 1
+    assert model.config.dlm_original_vocab_size == n  # what the original weights (the self-teacher) cover
 
 
 def test_no_pad_token_falls_back_to_eos_with_warning(caplog):
@@ -191,9 +193,10 @@ def test_gradient_checkpointing_same_gradients(tokenizer, attn):
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         custom = make_4d_mask(model, lambda b, h, q, kv: kv <= q + 2, 2, 12, 12)  # an explicit 4-D layout too
-        loss = model(input_ids=ids).logits.logsumexp(-1).mean() + model(input_ids=ids, attention_mask=custom).logits[
-            ..., 0
-        ].mean()
+        loss = (
+            model(input_ids=ids).logits.logsumexp(-1).mean()
+            + model(input_ids=ids, attention_mask=custom).logits[..., 0].mean()
+        )
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0

@@ -88,7 +88,9 @@ def test_sampling_is_seeded_and_respects_top_k(tiny_dlm):
     kw = dict(max_new_tokens=16, temperature=1.0, top_k=1, threshold=0.9, steps_per_block=4)
     # top_k=1 sampling is greedy whatever the seed.
     greedy = diffusion_generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=16, threshold=0.9)
-    topk1 = diffusion_generate(model, enc.input_ids, enc.attention_mask, generator=torch.Generator().manual_seed(3), **kw)
+    topk1 = diffusion_generate(
+        model, enc.input_ids, enc.attention_mask, generator=torch.Generator().manual_seed(3), **kw
+    )
     assert torch.equal(greedy.sequences, topk1.sequences)
     kw["top_k"] = 0
     a = diffusion_generate(model, enc.input_ids, enc.attention_mask, generator=torch.Generator().manual_seed(1), **kw)
@@ -112,8 +114,13 @@ def test_model_generate_runs_the_sampler(tiny_dlm):
     ref = diffusion_generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=12, threshold=0.5)
     out = model.generate(**enc, max_new_tokens=12, threshold=0.5)
     assert torch.equal(out, ref.sequences)
-    full = model.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=12, threshold=0.5,
-                          return_dict_in_generate=True)
+    full = model.generate(
+        enc.input_ids,
+        attention_mask=enc.attention_mask,
+        max_new_tokens=12,
+        threshold=0.5,
+        return_dict_in_generate=True,
+    )
     assert torch.equal(full.trajectory, ref.trajectory) and full.nfe == ref.nfe
     # do_sample with top_k=1 is greedy: the standard GenerationConfig fields reach the sampler.
     sampled = model.generate(**enc, max_new_tokens=12, threshold=0.5, do_sample=True, top_k=1)
@@ -150,3 +157,24 @@ def test_bad_inputs(tiny_dlm):
     plain = make_model("qwen3", vocab_size=len(tok))
     with pytest.raises(ValueError, match="convert_to_dlm"):
         diffusion_generate(plain, enc.input_ids)
+
+
+def test_nothing_after_eos_is_attended(tiny_dlm):
+    """Tokens after a committed EOS in its block are padding and invisible, as in the training rows."""
+    model, tok = tiny_dlm
+    enc = _batch(tok, PROMPTS[:1])
+    free = diffusion_generate(model, enc.input_ids, max_new_tokens=8, eos_token_id=[])
+    order = free.trajectory[0, :4]
+    first = int(order.argmin())  # the first committed position of block 0
+    if first == 3:
+        pytest.skip("the first commit is the last position of the block: nothing after it")
+    eos = int(free.sequences[0, enc.input_ids.size(1) + first])
+    a = diffusion_generate(model, enc.input_ids, max_new_tokens=8, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    b = diffusion_generate(model, enc.input_ids, max_new_tokens=8, eos_token_id=eos, pad_token_id=5)
+    # Whatever the pad token is, the generated tokens (up to the first EOS) and their order are the same.
+    p = enc.input_ids.size(1)
+    assert torch.equal(a.trajectory, b.trajectory)
+    generated = a.trajectory[0] >= 0
+    assert torch.equal(a.sequences[0, p:][generated], b.sequences[0, p:][generated])
+    assert bool((a.sequences[0, p:][~generated] == tok.pad_token_id).all())
+    assert bool((b.sequences[0, p:][~generated] == 5).all()) and int((~generated).sum()) > 0

@@ -6,7 +6,9 @@ have 8 to 16 numbers (13 completion tokens on average, i.e. more than 3 blocks o
 prompt alone (`score`), and the completion is predictable enough for a block-diffusion student to decode several tokens
 per forward.
 
-The shipped teacher (`TEACHER_PATH`, trained by ``examples/train_teacher.py``) is a small Qwen2-style decoder.
+The shipped teacher (`TEACHER_PATH`, trained by ``examples/train_teacher.py``) is a small Llama-style decoder
+(transformers maps the model type "qwen2" to `Qwen2Tokenizer`, which would rebuild this word-level tokenizer as a
+byte-level BPE under `AutoTokenizer`; "llama" keeps the saved `tokenizer.json` as is).
 """
 
 from __future__ import annotations
