@@ -221,7 +221,8 @@ def _setup_mask_token(
     else:
         tokenizer.mask_token = mask_token
     mask_token_id = tokenizer.convert_tokens_to_ids(mask_token)
-    vocab_size = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    vocab_size = weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]  # DeepSpeed ZeRO-3 partitions
     if mask_token_id >= vocab_size:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         resized = True

@@ -7,7 +7,14 @@ Two paths compute the same per-token divergences:
   exist in full (forward and backward).
 - `dense_divergence`: from logits; needed for `teacher_top_k` (a sum restricted to the teacher's top-k tokens, without
   renormalisation; such a partial sum is no longer a divergence and can be negative, e.g. for the reverse KL).
-  `dense_divergence_from_hidden` projects the hidden states first.
+  `dense_divergence_from_hidden` projects the hidden states first (all `[N, V]` logits at once: the reference).
+- `chunked_dense_divergence`: the same values as `dense_divergence_from_hidden`, a few hundred positions at a time
+  (forward and backward), so `teacher_top_k` with a ~150k vocabulary never holds more than one chunk's logits. It also
+  serves the full vocabulary when `vocab_size` cuts the heads and their weights are DeepSpeed ZeRO-3 partitions (TRL's
+  kernel can only gather whole parameters).
+
+Under DeepSpeed ZeRO-3 both chunked paths gather the (partitioned) LM-head weights for the duration of their forward and
+backward, as TRL's kernel does; the caller must run them inside the model's forward (`_ForwardRedirection`).
 
 Divergences (`p_t` teacher, `p_s` student, both softmaxes at temperature `temperature` over the compared vocabulary):
 
@@ -28,6 +35,12 @@ import math
 import torch
 from transformers import PretrainedConfig
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+
+# Positions per chunk of `chunked_dense_divergence`: as many as keep one `[chunk, V]` fp32 tile at about this many
+# elements (2**25 = 128 MiB; with ~150k tokens, about 220 positions).
+DENSE_CHUNK_ELEMENTS = 1 << 25
 
 
 def divergence_beta(divergence: str, beta: float = 0.5) -> float:
@@ -180,11 +193,31 @@ def chunked_divergence(
     Returns:
         `(divergence, entropy)`, both `(N,)` float32.
     """
-    student_weight, student_bias = _head(student_weight, student_bias, vocab_size)
-    teacher_weight, teacher_bias = _head(teacher_weight, teacher_bias, vocab_size)
-    if student_weight.shape[0] != teacher_weight.shape[0]:
+    zero3 = _is_zero3_param(student_weight) or _is_zero3_param(teacher_weight)
+    if zero3 and vocab_size is not None and vocab_size < max(_rows(student_weight), _rows(teacher_weight)):
+        # A slice of a ZeRO-3 partition cannot be gathered: project a few positions at a time instead.
+        return chunked_dense_divergence(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            divergence=divergence,
+            beta=beta,
+            temperature=temperature,
+            student_logit_scale=student_logit_scale,
+            student_softcap=student_softcap,
+            teacher_logit_scale=teacher_logit_scale,
+            teacher_softcap=teacher_softcap,
+            vocab_size=vocab_size,
+        )
+    if not zero3:  # (ZeRO-3 partitions are whole here: the kernel gathers them)
+        student_weight, student_bias = _head(student_weight, student_bias, vocab_size)
+        teacher_weight, teacher_bias = _head(teacher_weight, teacher_bias, vocab_size)
+    if _rows(student_weight) != _rows(teacher_weight):
         raise ValueError(
-            f"The student head has {student_weight.shape[0]} rows and the teacher head {teacher_weight.shape[0]}; pass "
+            f"The student head has {_rows(student_weight)} rows and the teacher head {_rows(teacher_weight)}; pass "
             "`vocab_size` to compare a common vocabulary."
         )
     if student_hidden.shape[0] == 0:
@@ -257,6 +290,192 @@ def dense_divergence_from_hidden(
     student_logits = postprocess_logits(student_logits.float(), student_logit_scale, student_softcap)
     per_token = dense_divergence(student_logits, teacher_logits, divergence, beta, temperature, teacher_top_k)
     return per_token, entropy_from_logits(student_logits, temperature)
+
+
+def _is_zero3_param(tensor: torch.Tensor | None) -> bool:
+    return tensor is not None and hasattr(tensor, "ds_id")
+
+
+def _rows(tensor: torch.Tensor) -> int:
+    """First dimension of a (possibly DeepSpeed ZeRO-3 partitioned, i.e. locally empty) parameter."""
+    return int(tensor.ds_shape[0]) if hasattr(tensor, "ds_shape") else int(tensor.shape[0])
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    device_type = hidden.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+
+
+def _half_on_cuda(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cuda" and tensor.dtype in (torch.float16, torch.bfloat16)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` with an fp32 result (on CUDA, half inputs are multiplied as they are, without an fp32 copy)."""
+    if _half_on_cuda(a) and _half_on_cuda(b):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch < 2.8
+            pass
+    return torch.mm(a.float(), b.float())
+
+
+def _project(hidden, weight, bias, vocab, dtype, scale, softcap):
+    """fp32 logits of the first `vocab` tokens: `hidden @ weight[:vocab].T (+ bias)`, then the head's post-processing."""
+    logits = _mm_fp32(hidden.to(dtype), weight[:vocab].to(device=hidden.device, dtype=dtype).t())
+    if bias is not None:
+        logits = logits + bias[:vocab].to(logits.device).float()
+    return postprocess_logits(logits, scale, softcap)
+
+
+class _ChunkedDenseDivergence(torch.autograd.Function):
+    """`dense_divergence_from_hidden`, a chunk of positions at a time: only one chunk's `[n, V]` logits are alive, in the
+    forward and in the backward (which recomputes them). Gradients flow to the student's hidden states, head weight and
+    bias (the rows beyond `vocab` get zeros); the entropy has none."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, opts):
+        ctx.set_materialize_grads(False)
+        n_rows = student_hidden.shape[0]
+        s_dtype, t_dtype = _compute_dtype(student_hidden), _compute_dtype(teacher_hidden)
+        per_token = torch.zeros(n_rows, device=student_hidden.device, dtype=torch.float32)
+        entropy = torch.zeros_like(per_token)
+        with (
+            maybe_gather_lm_head_ctx(student_weight, student_bias),
+            maybe_gather_lm_head_ctx(teacher_weight, teacher_bias),
+        ):
+            vocab = opts["vocab"] or student_weight.shape[0]
+            if student_weight.shape[0] < vocab or teacher_weight.shape[0] < vocab:
+                raise ValueError(
+                    f"The student head has {student_weight.shape[0]} rows and the teacher head "
+                    f"{teacher_weight.shape[0]}; pass `vocab_size` to compare a common vocabulary."
+                )
+            chunk = opts["chunk"] or max(1, DENSE_CHUNK_ELEMENTS // vocab)
+            for start in range(0, n_rows, chunk):
+                sl = slice(start, min(start + chunk, n_rows))
+                s_logits = _project(
+                    student_hidden[sl], student_weight, student_bias, vocab, s_dtype, *opts["student_post"]
+                )
+                t_logits = _project(
+                    teacher_hidden[sl], teacher_weight, teacher_bias, vocab, t_dtype, *opts["teacher_post"]
+                )
+                per_token[sl] = dense_divergence(s_logits, t_logits, *opts["divergence"])
+                entropy[sl] = entropy_from_logits(s_logits, opts["divergence"][2])
+                del s_logits, t_logits
+        ctx.save_for_backward(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
+        )
+        ctx.dtypes, ctx.opts, ctx.vocab, ctx.chunk = (s_dtype, t_dtype), opts, vocab, chunk
+        ctx.mark_non_differentiable(entropy)
+        return per_token, entropy
+
+    @staticmethod
+    def backward(ctx, grad_per_token, _grad_entropy):
+        if grad_per_token is None:
+            return (None,) * 7
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        (s_dtype, t_dtype), opts, vocab, chunk = ctx.dtypes, ctx.opts, ctx.vocab, ctx.chunk
+        grad_per_token = grad_per_token.float()
+        grad_hidden = grad_weight = grad_bias = None
+        with (
+            maybe_gather_lm_head_ctx(student_weight, student_bias),
+            maybe_gather_lm_head_ctx(teacher_weight, teacher_bias),
+        ):
+            device = student_hidden.device
+            if need_hidden:
+                grad_hidden = torch.zeros(student_hidden.shape, device=device, dtype=torch.float32)
+            if need_weight:
+                grad_weight = torch.zeros(student_weight.shape, device=student_weight.device, dtype=torch.float32)
+            if need_bias:
+                grad_bias = torch.zeros(student_bias.shape, device=student_bias.device, dtype=torch.float32)
+            w_s = student_weight[:vocab].to(device=device, dtype=s_dtype)
+            for start in range(0, student_hidden.shape[0], chunk):
+                sl = slice(start, min(start + chunk, student_hidden.shape[0]))
+                h_s = student_hidden[sl].detach().to(s_dtype)
+                with torch.no_grad():
+                    raw = _mm_fp32(h_s, w_s.t())
+                    if student_bias is not None:
+                        raw += student_bias[:vocab].to(device).float()
+                    t_logits = _project(
+                        teacher_hidden[sl], teacher_weight, teacher_bias, vocab, t_dtype, *opts["teacher_post"]
+                    )
+                with torch.enable_grad():
+                    raw.requires_grad_(True)
+                    per_token = dense_divergence(
+                        postprocess_logits(raw, *opts["student_post"]), t_logits, *opts["divergence"]
+                    )
+                    (grad_raw,) = torch.autograd.grad(per_token, raw, grad_per_token[sl])
+                del raw, t_logits, per_token
+                if need_hidden:
+                    grad_hidden[sl] += _mm_fp32(grad_raw.to(s_dtype) if _half_on_cuda(h_s) else grad_raw, w_s)
+                if need_weight:
+                    grad_weight[:vocab] += _mm_fp32(
+                        grad_raw.t().to(s_dtype) if _half_on_cuda(h_s) else grad_raw.t(), h_s
+                    )
+                if need_bias:
+                    grad_bias[:vocab] += grad_raw.sum(0)
+        return (
+            grad_hidden.to(student_hidden.dtype) if grad_hidden is not None else None,
+            grad_weight.to(student_weight.dtype) if grad_weight is not None else None,
+            grad_bias.to(student_bias.dtype) if grad_bias is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def chunked_dense_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    teacher_top_k: int | None = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: float | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`dense_divergence_from_hidden` (same arguments, same values), computed `chunk_size` positions at a time.
+
+    Peak memory is that of one chunk's `[chunk_size, V]` logits instead of all `[N, V]`, in the forward and in the
+    backward (which recomputes each chunk's logits). Needed for `teacher_top_k` with large vocabularies.
+
+    Args:
+        chunk_size: Positions per chunk. Default: `DENSE_CHUNK_ELEMENTS // V` (about 220 for a 150k vocabulary).
+        Others: as in `dense_divergence_from_hidden`.
+
+    Returns:
+        `(divergence, entropy)`, both `(N,)` float32.
+    """
+    if student_hidden.shape[0] == 0:
+        zero = student_hidden.sum(-1).float() * 0.0
+        return zero, zero.detach()
+    if vocab_size is None and _rows(student_weight) != _rows(teacher_weight):
+        raise ValueError(
+            f"The student head has {_rows(student_weight)} rows and the teacher head {_rows(teacher_weight)}; pass "
+            "`vocab_size` to compare a common vocabulary."
+        )
+    opts = {
+        "vocab": vocab_size,
+        "chunk": chunk_size,
+        "divergence": (divergence, beta, temperature, teacher_top_k),
+        "student_post": (student_logit_scale, student_softcap),
+        "teacher_post": (teacher_logit_scale, teacher_softcap),
+    }
+    divergence_beta(divergence, beta)  # validates the name (and beta) before any work
+    return _ChunkedDenseDivergence.apply(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, opts
+    )
 
 
 def opdlm_loss(

@@ -123,9 +123,12 @@ def select_noise_one_state_per_block(
 
 
 def select_noise_random(
-    valid: torch.BoolTensor, block_size: int, generator: torch.Generator | None = None
+    valid: torch.BoolTensor,
+    block_size: int,
+    generator: torch.Generator | None = None,
+    t: torch.Tensor | None = None,
 ) -> torch.BoolTensor:
-    """Random masking of the on-policy sequence (the paper's OPDLM_off ablation).
+    """Random masking of the on-policy sequence (the paper's OPDLM_off ablation; also the BD3LM baseline's masking).
 
     Per block, `t ~ U(0, 1)` and each valid position is masked with probability `t`; a block with valid positions but no
     mask gets one uniformly chosen valid position masked.
@@ -134,6 +137,8 @@ def select_noise_random(
         valid: `(B, L1)` bool, True on generated positions. `L1` must be a multiple of `block_size`.
         block_size: Block size b.
         generator: Optional RNG (default: the global torch RNG).
+        t: Optional `(B, L1 // block_size)` masking probabilities of the blocks (default: drawn from U(0, 1)). Pass them
+            when the caller needs them, e.g. for a 1/t loss weight.
 
     Returns:
         `(B, L1)` bool, True where x_t holds the mask token.
@@ -143,7 +148,12 @@ def select_noise_random(
         raise ValueError(f"The completion length {length} is not a multiple of block_size={block_size}.")
     num_blocks = length // block_size
     valid_blocks = valid.view(batch, num_blocks, block_size)
-    t = _uniform((batch, num_blocks, 1), valid.device, generator)
+    if t is None:
+        t = _uniform((batch, num_blocks, 1), valid.device, generator)
+    else:
+        if tuple(t.shape) != (batch, num_blocks):
+            raise ValueError(f"t must have shape {(batch, num_blocks)} (one value per block), got {tuple(t.shape)}.")
+        t = t.to(valid.device).unsqueeze(-1)
     noise = (_uniform((batch, num_blocks, block_size), valid.device, generator) < t) & valid_blocks
     # Blocks left without a mask: mask one uniformly chosen valid position.
     pick = _uniform((batch, num_blocks, block_size), valid.device, generator).masked_fill(~valid_blocks, -1.0)

@@ -39,14 +39,14 @@ from transformers import (
 )
 from transformers.utils import logging
 from trl import DistillationTrainer
-from trl.models import prepare_deepspeed
+from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import create_model_from_path, get_config_model_id, pad
 
 from .attention import BLOCK_CAUSAL, causal_attention, convert_to_dlm, is_dlm, make_4d_mask, position_ids_from_mask
 from .config import OPDLMConfig
 from .hub import DLMHubMixin
-from .losses import chunked_divergence, dense_divergence_from_hidden, logit_postprocessing, opdlm_loss
+from .losses import chunked_dense_divergence, chunked_divergence, logit_postprocessing, opdlm_loss
 from .metrics import count_training_tokens, eos_fraction, timer
 from .rows import build_training_rows, loss_mask, pad_to_block_multiple, select_noise
 from .sampler import diffusion_generate
@@ -72,8 +72,62 @@ def _backbone(model: Any) -> torch.nn.Module:
     return _unwrap_hf(model).base_model
 
 
+def _rows(param: torch.Tensor) -> int:
+    """First dimension of a parameter, also when it is a DeepSpeed ZeRO-3 partition (locally empty outside forward)."""
+    return int(param.ds_shape[0]) if hasattr(param, "ds_shape") else int(param.shape[0])
+
+
 def _vocab_rows(model: Any) -> int:
-    return _unwrap_hf(model).get_output_embeddings().weight.shape[0]
+    return _rows(_unwrap_hf(model).get_output_embeddings().weight)
+
+
+def _full_weight(param: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """An LM-head parameter as a whole tensor: FSDP2 shards it as a `DTensor` outside its module's forward (the heads are
+    read directly by the loss), so it is gathered once here, as TRL's distillation loss does; under mixed precision the
+    gathered fp32 master weight is cast to the hidden states' dtype once. Anything else is returned as is (DeepSpeed
+    ZeRO-3 partitions are gathered by the loss kernels themselves)."""
+    if param is None or not torch.distributed.is_available():
+        return param
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        param = param.full_tensor()
+        return param.to(dtype) if dtype is not None and param.is_floating_point() else param
+    return param
+
+
+def _frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A copy of the model's current weights (the default self-teacher), frozen by the caller.
+
+    Under DeepSpeed ZeRO-3, transformers builds every model inside `deepspeed.zero.Init`, so its parameters are already
+    partitions (locally empty, with gather hooks bound to them) and `copy.deepcopy` gives a broken teacher. The copy is
+    then a fresh model from the same config (partitioned by transformers as well) into which the gathered weights are
+    copied one parameter at a time.
+    """
+    params = dict(model.named_parameters())
+    if not any(hasattr(p, "ds_id") for p in params.values()):
+        return copy.deepcopy(model)
+    import deepspeed
+
+    teacher = type(model)._from_config(
+        copy.deepcopy(model.config),
+        attn_implementation=model.config._attn_implementation,
+        dtype=next(iter(params.values())).dtype,
+    )
+    targets = dict(teacher.named_parameters())
+    if targets.keys() != params.keys():
+        raise RuntimeError("The ZeRO-3 self-teacher copy does not have the student's parameters.")
+    for name, param in params.items():
+        with (
+            deepspeed.zero.GatheredParameters([param]),
+            deepspeed.zero.GatheredParameters([targets[name]], modifier_rank=0),
+        ):
+            targets[name].data.copy_(param.data)
+    buffers = dict(teacher.named_buffers())
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffers[name].copy_(buffer)
+    return teacher
 
 
 @contextmanager
@@ -310,7 +364,7 @@ class OPDLMTrainer(DLMHubMixin, DistillationTrainer):
             teacher = None  # the student's base model with the adapter disabled
             self._teacher_is_copy = False
         else:
-            teacher = copy.deepcopy(hf_model)  # the original weights, run with causal attention
+            teacher = _frozen_copy(hf_model)  # the original weights, run with causal attention
             self._teacher_is_copy = True
         if teacher is not None:
             teacher.requires_grad_(False)
@@ -345,9 +399,13 @@ class OPDLMTrainer(DLMHubMixin, DistillationTrainer):
             )
         self._teacher_vocab_size = self._check_teacher_vocabulary(teacher)
         if teacher is not None:
-            if self.is_deepspeed_enabled:
+            if self.is_deepspeed_enabled:  # ZeRO-3: sharded like the student; ZeRO-1/2: a full copy per process
                 self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
-            else:
+            elif self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version == 2:
+                # Sharded at rest (one FSDP2 unit, gathered for its forward), as TRL's trainers prepare reference
+                # models; the loss gathers its LM head (a DTensor) once per step.
+                self.teacher_model = prepare_fsdp(teacher, self.accelerator)
+            else:  # DDP (and FSDP1, whose resharded heads the loss could not read): a full copy per process
                 self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         else:
             self.teacher_model = None
@@ -512,12 +570,25 @@ class OPDLMTrainer(DLMHubMixin, DistillationTrainer):
         metrics["completions/mean_length"].append(lengths.mean().item())
         metrics["completions/min_length"].append(lengths.min().item())
         metrics["completions/max_length"].append(lengths.max().item())
-        metrics["completions/eos_fraction"].append(eos_fraction(completion_ids, completion_mask, self.eos_token_ids))
-        metrics["rollout/tokens_per_forward"].append(float(out.tokens_per_forward))
-        metrics["rollout/nfe"].append(float(out.nfe))
+        # The other rollout statistics, summed over all processes (each rank samples its own prompts).
+        rows, generated = completion_ids.shape[0], float(completion_mask.sum().item())
+        tokens_per_forward = float(out.tokens_per_forward)
+        local = [
+            eos_fraction(completion_ids, completion_mask, self.eos_token_ids) * rows,  # rows that reached an EOS
+            float(rows),
+            generated,
+            generated / tokens_per_forward if tokens_per_forward > 0 else 0.0,  # sum over rows of their forwards
+            float(out.nfe),
+            float(positions.sum().item()),  # loss positions
+        ]
+        eos_rows, all_rows, generated, row_forwards, nfe, masked = (
+            self.accelerator.gather(torch.tensor([local], dtype=torch.float32, device=device)).sum(0).tolist()
+        )
+        metrics["completions/eos_fraction"].append(eos_rows / max(all_rows, 1.0))
+        metrics["rollout/tokens_per_forward"].append(generated / max(row_forwards, 1.0))
+        metrics["rollout/nfe"].append(nfe / self.accelerator.num_processes)  # forwards per process
         metrics["rollout/max_new_tokens"].append(float(max_new_tokens))
-        masked = positions.sum().item()
-        metrics["loss/masked_fraction"].append(masked / max(int(completion_mask.sum().item()), 1))
+        metrics["loss/masked_fraction"].append(masked / max(generated, 1.0))
 
         if self.log_completions:
             self._logs["prompt"].extend(
@@ -550,9 +621,12 @@ class OPDLMTrainer(DLMHubMixin, DistillationTrainer):
         """
         denominator = inputs["num_loss_rows"].float().clamp(min=1.0) / self.accelerator.num_processes
         unwrapped_student = self.accelerator.unwrap_model(model)
-        loss, entropy_sum, num_tokens = self._forward_redirection(
-            model, unwrapped_student, self._compute_loss, unwrapped_student, inputs, denominator
-        )
+        # Mixed precision: accelerate puts autocast on the model's `forward`, which the redirection replaces (and the
+        # backbones are called directly), so it is entered here (a no-op without native AMP, e.g. fp32 or DeepSpeed).
+        with self.accelerator.autocast():
+            loss, entropy_sum, num_tokens = self._forward_redirection(
+                model, unwrapped_student, self._compute_loss, unwrapped_student, inputs, denominator
+            )
         if not torch.isfinite(loss.detach()).item():
             raise FloatingPointError(
                 f"OPDLM: the loss is {loss.item()} at optimizer step {self.state.global_step + 1} (micro-step "
@@ -575,7 +649,7 @@ class OPDLMTrainer(DLMHubMixin, DistillationTrainer):
         else:
             teacher = self.accelerator.unwrap_model(self.teacher_model)
             adapter_off = nullcontext()
-        embed_rows = _unwrap_hf(teacher).get_input_embeddings().weight.shape[0]
+        embed_rows = _rows(_unwrap_hf(teacher).get_input_embeddings().weight)
         ids = ids.masked_fill((ids >= embed_rows) | (mask == 0), self._tokenizer.pad_token_id)
         kwargs = {
             "input_ids": ids,
@@ -648,13 +722,20 @@ class OPDLMTrainer(DLMHubMixin, DistillationTrainer):
             teacher_softcap=t_cap,
             vocab_size=self._teacher_vocab_size,
         )
-        teacher_weight = teacher_head.weight.to(h_s.device)
+        # FSDP2: whole heads (DTensor shards gathered once); ZeRO-3 partitions are gathered inside the loss kernels.
+        student_weight = _full_weight(student_head.weight, h_s.dtype)
+        teacher_weight = _full_weight(teacher_head.weight, h_t.dtype)
+        kwargs["student_bias"] = _full_weight(student_head.bias)
+        kwargs["teacher_bias"] = _full_weight(teacher_head.bias)
+        if not hasattr(teacher_weight, "ds_id"):
+            teacher_weight = teacher_weight.to(h_s.device)
         if args.teacher_top_k is not None:
-            per_token, entropy = dense_divergence_from_hidden(
-                h_s, student_head.weight, h_t, teacher_weight, teacher_top_k=args.teacher_top_k, **kwargs
+            # Position-chunked: one chunk's [n, V] logits at a time, never [N, V] (large vocabularies).
+            per_token, entropy = chunked_dense_divergence(
+                h_s, student_weight, h_t, teacher_weight, teacher_top_k=args.teacher_top_k, **kwargs
             )
         else:
-            per_token, entropy = chunked_divergence(h_s, student_head.weight, h_t, teacher_weight, **kwargs)
+            per_token, entropy = chunked_divergence(h_s, student_weight, h_t, teacher_weight, **kwargs)
         if h_s.shape[0] == 0:
             # Keep the graph connected (DDP expects gradients) with an exact zero.
             per_token = per_token + 0.0 * student_hidden.sum()
