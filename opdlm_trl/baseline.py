@@ -27,16 +27,17 @@ from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
-from trl.trainer.utils import create_model_from_path, get_config_model_id, pad
+from trl.trainer.utils import get_config_model_id, pad
 
-from .attention import BLOCK_CAUSAL, _unwrap, convert_to_dlm, is_dlm, make_4d_mask
+from .attention import _unwrap, make_4d_mask
 from .hub import DLMHubMixin
 from .losses import opdlm_loss
 from .metrics import count_training_tokens
 from .rows import build_training_rows, pad_to_block_multiple, select_noise_random
+from .student import prepare_student
 
 
 logger = logging.get_logger(__name__)
@@ -126,7 +127,9 @@ class BD3LMConfig(SFTConfig):
                 "completion_only_loss=False is not supported: the BD3LM loss is on the masked completion tokens only."
             )
         if self.loss_type != "nll":
-            raise ValueError(f"loss_type must be 'nll' for the BD3LM baseline (cross-entropy), got {self.loss_type!r}.")
+            raise ValueError(
+                f"loss_type must be 'nll' for the BD3LM baseline (cross-entropy), got {self.loss_type!r}."
+            )
 
 
 class BD3LMDataCollator:
@@ -307,52 +310,9 @@ class BD3LMTrainer(DLMHubMixin, SFTTrainer):
         _check_prompt_completion_dataset(train_dataset, "train_dataset")
         _check_prompt_completion_dataset(eval_dataset, "eval_dataset")
 
-        # Loading (as SFTTrainer does), done here because the conversion must happen before PEFT wrapping.
-        model_init_kwargs = dict(args.model_init_kwargs or {})
-        if isinstance(model, str):
-            model_id = model
-            if quantization_config is not None:
-                if "quantization_config" in model_init_kwargs:
-                    raise ValueError(
-                        "You set `quantization_config` both as a trainer argument and in `args.model_init_kwargs`. "
-                        "Set it in only one place, preferably as a trainer argument."
-                    )
-                model_init_kwargs["quantization_config"] = quantization_config
-            if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
-                model_init_kwargs["device_map"] = None
-            model_init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-            model_init_kwargs.setdefault("attn_implementation", "sdpa")
-            model = create_model_from_path(model, **model_init_kwargs)
-            quantization_config = None  # applied at loading
-        else:
-            model_id = get_config_model_id(_unwrap(model).config)
-        if processing_class is None:
-            if not model_id:
-                raise ValueError("Pass `processing_class=`: the tokenizer cannot be loaded from the model's config.")
-            processing_class = AutoTokenizer.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
-        if isinstance(processing_class, ProcessorMixin) or not isinstance(processing_class, PreTrainedTokenizerBase):
-            raise ValueError(
-                "BD3LMTrainer trains text-only causal LMs and needs a tokenizer as `processing_class`, got "
-                f"{type(processing_class).__name__}."
-            )
-        tokenizer = processing_class
-
+        model, tokenizer, _ = prepare_student(model, processing_class, args, quantization_config, "BD3LMConfig")
+        quantization_config = None  # applied at loading
         hf_model = _unwrap(model)
-        if is_dlm(hf_model):
-            if hf_model.config.dlm_block_size != args.block_size:
-                raise ValueError(
-                    f"The model was converted with block_size={hf_model.config.dlm_block_size} but "
-                    f"args.block_size={args.block_size}. Set `BD3LMConfig(block_size="
-                    f"{hf_model.config.dlm_block_size})`, or pass the unconverted causal model."
-                )
-            if tokenizer.mask_token_id is None:
-                tokenizer.mask_token = tokenizer.convert_ids_to_tokens(hf_model.config.mask_token_id)
-        else:
-            convert_to_dlm(hf_model, tokenizer, block_size=args.block_size, mask_token=args.mask_token)
-        if getattr(hf_model.config, "dlm_attention", BLOCK_CAUSAL) != BLOCK_CAUSAL:
-            raise ValueError(
-                "BD3LM training rows need a block-causal model; this model was converted with bidirectional=True."
-            )
         self.mask_token_id = int(hf_model.config.mask_token_id)
 
         if data_collator is None:

@@ -30,11 +30,9 @@ import torch
 from accelerate.utils import gather_object, is_peft_model, set_seed
 from datasets import Dataset, IterableDataset
 from transformers import (
-    AutoProcessor,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    ProcessorMixin,
     TrainerCallback,
 )
 from transformers.utils import logging
@@ -43,13 +41,14 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import create_model_from_path, get_config_model_id, pad
 
-from .attention import BLOCK_CAUSAL, causal_attention, convert_to_dlm, is_dlm, make_4d_mask, position_ids_from_mask
+from .attention import causal_attention, make_4d_mask, position_ids_from_mask
 from .config import OPDLMConfig
 from .hub import DLMHubMixin
 from .losses import chunked_dense_divergence, chunked_divergence, logit_postprocessing, opdlm_loss
 from .metrics import count_training_tokens, eos_fraction, timer
 from .rows import build_training_rows, loss_mask, pad_to_block_multiple, select_noise
 from .sampler import diffusion_generate
+from .student import prepare_student
 
 
 logger = logging.get_logger(__name__)
@@ -268,65 +267,12 @@ class OPDLMTrainer(DLMHubMixin, DistillationTrainer):
         _check_prompt_dataset(train_dataset, "train_dataset")
         _check_prompt_dataset(eval_dataset, "eval_dataset")
 
-        # Student loading (TRL's loading, done here because conversion must happen between loading and PEFT wrapping).
         set_seed(args.seed)
-        model_init_kwargs = dict(args.model_init_kwargs or {})
-        if isinstance(model, str):
-            model_id = model
-            if quantization_config is not None:
-                if "quantization_config" in model_init_kwargs:
-                    raise ValueError(
-                        "You set `quantization_config` both as a trainer argument and in `args.model_init_kwargs`. "
-                        "Set it in only one place, preferably as a trainer argument."
-                    )
-                model_init_kwargs["quantization_config"] = quantization_config
-            if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
-                model_init_kwargs["device_map"] = None
-            model_init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-            model = create_model_from_path(model, **model_init_kwargs)
-        else:
-            model_id = get_config_model_id(_unwrap_hf(model).config)
-            if args.model_init_kwargs is not None:
-                logger.warning("`model_init_kwargs` is ignored: the model is already instantiated.")
-            if quantization_config is not None:
-                logger.warning("`quantization_config` is ignored: the model is already instantiated.")
-
-        if processing_class is None:
-            if not model_id:
-                raise ValueError("Pass `processing_class=`: the tokenizer cannot be loaded from the model's config.")
-            processing_class = AutoProcessor.from_pretrained(
-                model_id, truncation_side="left", padding_side="left", trust_remote_code=args.trust_remote_code
-            )
-        if isinstance(processing_class, ProcessorMixin) or not isinstance(processing_class, PreTrainedTokenizerBase):
-            raise ValueError(
-                "OPDLMTrainer trains text-only causal LMs and needs a tokenizer as `processing_class`, got "
-                f"{type(processing_class).__name__}."
-            )
-        tokenizer = processing_class
-
-        # Diffusion student: convert (in place) unless it already is one.
+        model, tokenizer, resized = prepare_student(model, processing_class, args, quantization_config, "OPDLMConfig")
+        model_id = get_config_model_id(_unwrap_hf(model).config)
         hf_model = _unwrap_hf(model)
-        self._teacher_vocab_limit: int | None = None  # compare only the first N tokens (mask token added by resize)
-        if is_dlm(hf_model):
-            if hf_model.config.dlm_block_size != args.block_size:
-                raise ValueError(
-                    f"The model was converted with block_size={hf_model.config.dlm_block_size} but "
-                    f"args.block_size={args.block_size}. Set `OPDLMConfig(block_size="
-                    f"{hf_model.config.dlm_block_size})`, or pass the unconverted causal model."
-                )
-            if tokenizer.mask_token_id is None:
-                tokenizer.mask_token = tokenizer.convert_ids_to_tokens(hf_model.config.mask_token_id)
-            # Set by `convert_to_dlm` when it had to add the mask token (the original weights lack that row).
-            self._teacher_vocab_limit = getattr(hf_model.config, "dlm_original_vocab_size", None)
-        else:
-            vocab_before = _vocab_rows(hf_model)
-            convert_to_dlm(hf_model, tokenizer, block_size=args.block_size, mask_token=args.mask_token)
-            if _vocab_rows(hf_model) > vocab_before:
-                self._teacher_vocab_limit = vocab_before
-        if getattr(hf_model.config, "dlm_attention", BLOCK_CAUSAL) != BLOCK_CAUSAL:
-            raise ValueError(
-                "OPDLM training rows need a block-causal student; this model was converted with bidirectional=True."
-            )
+        # Compare only the vocabulary the original weights have when the mask token was added by resizing.
+        self._teacher_vocab_limit: int | None = hf_model.config.dlm_original_vocab_size if resized else None
         self.mask_token_id = int(hf_model.config.mask_token_id)
 
         # Default teacher: the frozen original weights. A copy is taken before PEFT wrapping (so it has no adapter);
