@@ -4,7 +4,8 @@
 attention, a mask token) and trains it with the masked-diffusion cross-entropy of BD3LM on reference completions:
 
 - the data is TRL's prompt-completion format (`"prompt"` and `"completion"` columns, standard or conversational),
-  tokenized by `SFTTrainer` (an EOS is appended to the completion);
+  tokenized by `SFTTrainer` (an EOS is appended to the completion), and by default the rest of the completion's last
+  block is filled with EOS tokens that are trained on too (`pad_last_block_with_eos`);
 - the collator builds the same training row as OPDLM, `[prompt | x0 | x_t]` with the BD3LM attention mask
   (`rows.build_training_rows`), where x0 is the reference completion and x_t masks it block by block: for every block
   `t ~ U(0, 1)`, each position is masked with probability `t`, and a block left without a mask gets one
@@ -33,6 +34,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import get_config_model_id, pad
 
 from .attention import _unwrap, make_4d_mask
+from .callbacks import use_diffusion_progress_bar
 from .hub import DLMHubMixin
 from .losses import opdlm_loss
 from .metrics import count_training_tokens
@@ -65,6 +67,14 @@ class BD3LMConfig(SFTConfig):
 
         > Parameters that control the masked-diffusion loss
 
+        pad_last_block_with_eos (`bool`, *optional*, defaults to `True`):
+            Fill the rest of the block that holds a completion's EOS with EOS tokens, which are masked and trained on
+            like any completion token (the EOS padding of LLaDA-style SFT, limited to the last block). The sampler
+            decodes whole blocks, so at inference the positions after the end are mask tokens the model sees and
+            must fill; without this they are never trained and the student runs past the end. Measured on the demo
+            task (seed 0, 6,000 steps of 8 rows, lr 1e-3 cosine, 100 held-out prompts): 33% held-out exact match
+            without it (token accuracy 0.99: the errors are extra numbers after the end), 94% with it. The filler EOS
+            tokens are completion tokens, so they count as training tokens.
         loss_weighting (`str`, *optional*, defaults to `"none"`):
             Weight of the cross-entropy of a masked position: `"none"` (w = 1, as OPDLM) or `"inverse_t"` (w = 1 / t,
             the masked-diffusion ELBO weight of MDLM/BD3LM, with `t` the masking probability of the position's block).
@@ -85,6 +95,14 @@ class BD3LMConfig(SFTConfig):
         metadata={
             "help": "Mask token used when converting a causal model. Default: the tokenizer's mask token, else an "
             "unused reserved special token, else a new `<|mask|>` token (embeddings are resized)."
+        },
+    )
+    pad_last_block_with_eos: bool = field(
+        default=True,
+        metadata={
+            "help": "Fill the rest of the block holding a completion's EOS with EOS tokens and train on them (the "
+            "sampler decodes whole blocks, so the positions after the end must learn to be EOS). The filler tokens "
+            "count as training tokens."
         },
     )
     loss_weighting: str = field(
@@ -144,16 +162,25 @@ class BD3LMDataCollator:
         pad_token_id: Pad token id.
         block_size: Block size b.
         generator: Optional RNG of the masking (default: the global torch RNG).
+        eos_token_id: When given, the rest of the block holding each completion's end is filled with this token and
+            belongs to the completion (`BD3LMConfig.pad_last_block_with_eos`).
 
     Returns (when called on a list of examples):
         A dict of tensors: `prompt_ids`, `prompt_mask` `(B, L0)`; `completion_ids`, `completion_mask`, `noise_mask`
         `(B, L1)`; `t` `(B, L1)` (the masking probability of each position's block).
     """
 
-    def __init__(self, pad_token_id: int, block_size: int, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        pad_token_id: int,
+        block_size: int,
+        generator: torch.Generator | None = None,
+        eos_token_id: int | None = None,
+    ):
         self.pad_token_id = pad_token_id
         self.block_size = block_size
         self.generator = generator
+        self.eos_token_id = eos_token_id
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         prompts, completions = [], []
@@ -171,8 +198,11 @@ class BD3LMDataCollator:
                 raise ValueError(
                     f"Example {i} of the batch has no prompt token: the BD3LM row needs at least one prompt token."
                 )
+            completion = ids[start:]
+            if self.eos_token_id is not None:
+                completion += [self.eos_token_id] * (-len(completion) % self.block_size)
             prompts.append(torch.tensor(ids[:start], dtype=torch.long))
-            completions.append(torch.tensor(ids[start:], dtype=torch.long))
+            completions.append(torch.tensor(completion, dtype=torch.long))
         prompt_ids = pad(prompts, padding_value=self.pad_token_id, padding_side="left")
         prompt_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left")
         completion_ids = pad(completions, padding_value=self.pad_token_id, padding_side="right")
@@ -316,7 +346,13 @@ class BD3LMTrainer(DLMHubMixin, SFTTrainer):
         self.mask_token_id = int(hf_model.config.mask_token_id)
 
         if data_collator is None:
-            data_collator = BD3LMDataCollator(tokenizer.pad_token_id, args.block_size)
+            eos = tokenizer.eos_token_id if args.pad_last_block_with_eos else None
+            if args.pad_last_block_with_eos and eos is None:
+                raise ValueError(
+                    "pad_last_block_with_eos=True needs the tokenizer's eos_token_id: set tokenizer.eos_token, or "
+                    "pass pad_last_block_with_eos=False."
+                )
+            data_collator = BD3LMDataCollator(tokenizer.pad_token_id, args.block_size, eos_token_id=eos)
 
         saved_model_init_kwargs = args.model_init_kwargs
         args.model_init_kwargs = None  # the model is instantiated: SFTTrainer must not warn about it
@@ -335,6 +371,7 @@ class BD3LMTrainer(DLMHubMixin, SFTTrainer):
             )
         finally:
             args.model_init_kwargs = saved_model_init_kwargs
+        use_diffusion_progress_bar(self, "CE")
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss

@@ -114,6 +114,31 @@ def test_collator_splits_pads_and_masks_every_block():
     assert ((batch["t"] >= 0) & (batch["t"] <= 1)).all()
 
 
+def test_collator_fills_the_last_block_with_eos():
+    pad, eos = 1, 0
+    examples = [
+        {"input_ids": [5, 6, 7, 10, 11, 12, 13, 14, eos], "labels": [-100] * 3 + [10, 11, 12, 13, 14, eos]},
+        {"input_ids": [8, 20, 21, 22, eos], "labels": [-100, 20, 21, 22, eos]},  # ends exactly on a block
+    ]
+    torch.manual_seed(0)
+    batch = BD3LMDataCollator(pad_token_id=pad, block_size=4, eos_token_id=eos)(examples)
+    # Row 0: 6 tokens -> filled with EOS up to 8, which are completion tokens (masked and trained on).
+    assert batch["completion_ids"].tolist() == [[10, 11, 12, 13, 14, eos, eos, eos], [20, 21, 22, eos] + [pad] * 4]
+    assert batch["completion_mask"].tolist() == [[1] * 8, [1] * 4 + [0] * 4]
+    # The filled positions can be masked: over many draws every position of row 0's last block is.
+    seen = torch.zeros(8, dtype=torch.bool)
+    for _ in range(50):
+        seen |= BD3LMDataCollator(pad_token_id=pad, block_size=4, eos_token_id=eos)(examples)["noise_mask"][0]
+    assert seen.all()
+
+
+def test_trainer_pads_with_eos_by_default(tmp_path):
+    trainer = make_trainer(tmp_path)
+    assert trainer.data_collator.eos_token_id == trainer.processing_class.eos_token_id is not None
+    trainer = make_trainer(tmp_path, pad_last_block_with_eos=False)
+    assert trainer.data_collator.eos_token_id is None
+
+
 def test_collator_errors():
     collate = BD3LMDataCollator(pad_token_id=1, block_size=4)
     with pytest.raises(ValueError, match="no completion token"):
@@ -216,9 +241,10 @@ def test_loss_falls_tokens_are_counted_and_the_checkpoint_is_a_dlm(tmp_path):
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
-    # Training tokens: 40 updates of the whole 8-row dataset, each row = its prompt + completion + EOS tokens.
+    # Training tokens: 40 updates of the whole 8-row dataset, each row = its prompt + completion + EOS tokens, the
+    # completion filled with EOS up to the end of its last block of 4 (pad_last_block_with_eos).
     tok = trainer.processing_class
-    per_epoch = sum(len(tok(p)["input_ids"]) + len(tok(c)["input_ids"]) + 1 for p, c in PAIRS)
+    per_epoch = sum(len(tok(p)["input_ids"]) + math.ceil((len(tok(c)["input_ids"]) + 1) / 4) * 4 for p, c in PAIRS)
     assert trainer.state.num_input_tokens_seen == 40 * per_epoch
     assert [log["num_tokens"] for log in trainer.state.log_history if "loss" in log][-1] == 40 * per_epoch
     # Checkpoints are diffusion-LM folders.
