@@ -42,6 +42,7 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import create_model_from_path, get_config_model_id, pad
 
 from .attention import causal_attention, make_4d_mask, position_ids_from_mask
+from .callbacks import use_diffusion_progress_bar
 from .config import OPDLMConfig
 from .hub import DLMHubMixin
 from .losses import chunked_dense_divergence, chunked_divergence, logit_postprocessing, opdlm_loss
@@ -52,6 +53,10 @@ from .student import prepare_student
 
 
 logger = logging.get_logger(__name__)
+
+
+# How the progress bar labels the loss of each divergence.
+_LOSS_NAMES = {"forward_kl": "KL", "reverse_kl": "reverse KL", "jsd": "JSD"}
 
 
 def _unwrap_hf(model: Any) -> PreTrainedModel:
@@ -368,6 +373,7 @@ class OPDLMTrainer(DLMHubMixin, DistillationTrainer):
 
         self._warned_truncation = False
         self._timings: dict[str, float] = {}
+        use_diffusion_progress_bar(self, _LOSS_NAMES.get(args.divergence, args.divergence))
 
     # ------------------------------------------------------------------------------------------------------------
     # Construction helpers
