@@ -126,7 +126,10 @@ def pushed(dlm, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(hub_module, "HfApi", FakeHfApi)
         result = push_to_hub(model, tok, REPO_ID, private=True, commit_message="Add tiny DLM", **CARD_KWARGS)
-    return SimpleNamespace(calls=list(FakeHfApi.calls), result=result)
+    # save_dlm of the same in-memory state, right after the push: other tests of the module use the shared model and
+    # tokenizer (a padded call changes what a fast tokenizer saves), so an earlier `saved` folder may differ.
+    reference = save_dlm(model, tok, tmp_path_factory.mktemp("reference") / "tiny-dlm", repo_id=REPO_ID, **CARD_KWARGS)
+    return SimpleNamespace(calls=list(FakeHfApi.calls), result=result, reference=Path(reference))
 
 
 FRESH_PROCESS_CHECK = r"""
@@ -381,7 +384,8 @@ def test_model_card_template_is_package_data():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_push_to_hub_calls(pushed, saved):
+def test_push_to_hub_calls(pushed):
+    saved = pushed.reference
     (create, repo_id, create_kwargs), (upload, upload_repo, upload_kwargs) = pushed.calls
     assert (create, repo_id) == ("create_repo", REPO_ID)
     assert create_kwargs["private"] is True and create_kwargs["exist_ok"] is True
