@@ -4,7 +4,7 @@ Everything is measured side by side in one run on the same model, prompts and ba
 (this machine is shared and noisy). Each timing is the median of `--repeats` interleaved runs.
 
     python benchmarks/sampler_bench.py                       # random tiny model (4 layers, hidden 256)
-    python benchmarks/sampler_bench.py --model out/demo --batch_size 64   # the demo student on held-out prompts
+    python benchmarks/sampler_bench.py --model demo-OPDLM --batch_size 64   # the demo student on held-out prompts
 """
 
 from __future__ import annotations
