@@ -36,33 +36,10 @@ import subprocess
 import sys
 import tempfile
 
+from memory import peak_kb, reset_peak, rss_kb  # benchmarks/memory.py (the script's folder is on sys.path)
+
 
 VARIANTS = ("chunked", "unchunked", "dense_topk", "chunked_topk")
-
-
-def _rss_kb(field: str = "VmRSS") -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_kb(reset_ok: bool) -> int:
-    if reset_ok:
-        return _rss_kb("VmHWM")
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _batch(opts, tokenizer, mask_token_id, block_size):
@@ -103,7 +80,7 @@ def _full_logits_loss(trainer, inputs):
     """The loss from `model(...).logits` of both models (all positions, all tokens), then the divergence."""
     import torch
 
-    from opdlm_trl.attention import causal_attention, make_4d_mask, position_ids_from_mask
+    from opdlm_trl.attention import causal_attention, position_ids_from_mask
     from opdlm_trl.losses import dense_divergence, opdlm_loss
     from opdlm_trl.rows import build_training_rows, pad_to_block_multiple
 
@@ -119,8 +96,7 @@ def _full_logits_loss(trainer, inputs):
         args.block_size,
         trainer.processing_class.pad_token_id,
     )
-    batch, total = rows.input_ids.shape
-    mask4d = make_4d_mask(student, rows.mask_function(), batch, total, total)
+    mask4d = rows.attention_mask(student)
     s_logits = student(input_ids=rows.input_ids, attention_mask=mask4d, position_ids=rows.position_ids).logits
     x0 = rows.input_ids[:, rows.prompt_length : rows.noisy_slice.start]
     mask = torch.cat([inputs["prompt_mask"], rows.valid[:, rows.prompt_length : rows.noisy_slice.start].long()], 1)
@@ -139,7 +115,7 @@ def _full_logits_loss(trainer, inputs):
         args.teacher_top_k,
     )
     denominator = inputs["num_loss_rows"].float().clamp(min=1.0)
-    return opdlm_loss(per_token, row_index, batch, denominator)[0], int(row_index.numel())
+    return opdlm_loss(per_token, row_index, rows.input_ids.shape[0], denominator)[0], int(row_index.numel())
 
 
 def worker(variant: str, opts) -> dict:
@@ -185,15 +161,15 @@ def worker(variant: str, opts) -> dict:
     trainer.model.train()
     trainer.model.zero_grad(set_to_none=True)
 
-    baseline = _rss_kb()
-    reset_ok = _reset_peak()
+    baseline = rss_kb()
+    reset_ok = reset_peak()
     if variant == "unchunked":
         loss, positions = _full_logits_loss(trainer, inputs)
     else:
         loss = trainer.compute_loss(trainer.model, inputs)
         positions = int(inputs["loss_mask"].sum())
     loss.backward()
-    peak_mb = (_peak_kb(reset_ok) - baseline) / 1024
+    peak_mb = (peak_kb(reset_ok) - baseline) / 1024
 
     hf = trainer_module._unwrap_hf(trainer.model)
     grads = {

@@ -36,6 +36,7 @@ from typing import Any
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLES = os.path.join(os.path.dirname(HERE), "examples")  # convert_demo.py: the main job's evaluation helpers
 ARMS = ("OPDLM", "OPDLM_off", "BD3LM-SFT")
 
 
@@ -101,7 +102,8 @@ def checkpoint_steps(max_steps: int, count: int) -> list[int]:
 
 
 def _evaluate(model, tokenizer, prompts, references, threshold=None) -> tuple[float, float]:
-    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
     from convert_demo import generate_student, score
 
     from opdlm_trl.demo import MAX_NEW_TOKENS
@@ -460,7 +462,8 @@ def main(argv=None) -> dict[str, Any]:
     test = make_splits()["test"].select(range(args.num_eval))
     teacher, tokenizer = load_teacher()
     teacher_outputs = generate_ar(teacher, tokenizer, list(test["prompt"]), MAX_NEW_TOKENS)
-    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
     from convert_demo import score
 
     teacher_accuracy = score(teacher_outputs, list(test["completion"]))

@@ -39,6 +39,8 @@ import subprocess
 import sys
 import time
 
+from memory import peak_kb, reset_peak, rss_kb  # benchmarks/memory.py (the script's folder is on sys.path)
+
 
 PROMPTS = [
     "what is 2+2?",
@@ -58,31 +60,6 @@ PROMPTS = [
     "repeat: abc abc",
     "go on",
 ]
-
-
-def _rss_kb(field: str = "VmRSS") -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_kb(reset_ok: bool) -> int:
-    if reset_ok:
-        return _rss_kb("VmHWM")
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _load(opts):
@@ -149,8 +126,8 @@ def worker(name: str, opts) -> dict:
 
         prompts = list(make_splits(num_train=512, num_test=8)["train"]["prompt"])
     dataset = Dataset.from_dict({"prompt": (prompts * 64)[: opts.batch_size * (opts.steps + 1)]})
-    baseline = _rss_kb()
-    reset_ok = _reset_peak()
+    baseline = rss_kb()
+    reset_ok = reset_peak()
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -208,7 +185,7 @@ def worker(name: str, opts) -> dict:
 
             trainer._teacher_hidden_states = no_teacher
     trainer.train()
-    result["peak_delta_mb"] = (_peak_kb(reset_ok) - baseline) / 1024
+    result["peak_delta_mb"] = (peak_kb(reset_ok) - baseline) / 1024
     result["peak_reset"] = reset_ok
     warm = min(opts.warmup, len(clock.marks) - 1)
     (t0, n0), (t1, n1) = clock.marks[max(warm - 1, 0)], clock.marks[-1]

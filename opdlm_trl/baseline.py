@@ -33,7 +33,7 @@ from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import get_config_model_id, pad
 
-from .attention import _unwrap, make_4d_mask
+from .attention import _unwrap
 from .callbacks import use_diffusion_progress_bar
 from .hub import DLMHubMixin
 from .losses import opdlm_loss
@@ -382,7 +382,6 @@ class BD3LMTrainer(DLMHubMixin, SFTTrainer):
         `1 / t` with `loss_weighting="inverse_t"`); per row, sum / count; then the mean over the rows."""
         args = self.args
         mode = "train" if self.model.training else "eval"
-        device = inputs["prompt_ids"].device
         rows = build_training_rows(
             inputs["prompt_ids"],
             inputs["prompt_mask"],
@@ -393,7 +392,7 @@ class BD3LMTrainer(DLMHubMixin, SFTTrainer):
             args.block_size,
             self.processing_class.pad_token_id,
         )
-        batch, total = rows.input_ids.shape
+        batch = rows.input_ids.shape[0]
         noisy = rows.noisy_slice
         x0 = rows.input_ids[:, rows.prompt_length : noisy.start]
         valid = inputs["completion_mask"].bool()
@@ -403,12 +402,9 @@ class BD3LMTrainer(DLMHubMixin, SFTTrainer):
         labels[:, noisy] = x0.masked_fill(~positions, -100)
 
         student = _unwrap(self.accelerator.unwrap_model(model))
-        dtype = student.get_input_embeddings().weight.dtype
-        dtype = dtype if dtype.is_floating_point else torch.float32
-        mask4d = make_4d_mask(student, rows.mask_function(), batch, total, total, device=device, dtype=dtype)
         outputs = model(
             input_ids=rows.input_ids,
-            attention_mask=mask4d,
+            attention_mask=rows.attention_mask(student),
             position_ids=rows.position_ids,
             shift_labels=labels,
             fused_lm_head=True,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opdlm_trl.attention import position_ids_from_mask
+from opdlm_trl.attention import make_4d_mask, position_ids_from_mask
 
 
 @dataclass
@@ -60,6 +60,16 @@ class TrainingRows:
     def mask_function(self) -> Callable:
         """The row's layout as a transformers mask function (see `row_mask_function`)."""
         return row_mask_function(self.prompt_length, self.completion_length, self.block_size, self.valid)
+
+    def attention_mask(self, model: torch.nn.Module) -> torch.Tensor | object:
+        """The row's layout materialised for `model`'s attention kernel (`attention.make_4d_mask`), in the dtype of its
+        input embeddings (float32 for a quantized model), on the rows' device."""
+        dtype = model.get_input_embeddings().weight.dtype
+        dtype = dtype if dtype.is_floating_point else torch.float32
+        batch, total = self.input_ids.shape
+        return make_4d_mask(
+            model, self.mask_function(), batch, total, total, device=self.input_ids.device, dtype=dtype
+        )
 
 
 def pad_to_block_multiple(tensor: torch.Tensor, block_size: int, value: int | bool) -> torch.Tensor:

@@ -41,7 +41,7 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import create_model_from_path, get_config_model_id, pad
 
-from .attention import causal_attention, make_4d_mask, position_ids_from_mask
+from .attention import causal_attention, position_ids_from_mask
 from .callbacks import use_diffusion_progress_bar
 from .config import OPDLMConfig
 from .hub import DLMHubMixin
@@ -645,13 +645,12 @@ class OPDLMTrainer(DLMHubMixin, DistillationTrainer):
             )
 
         student_hf = _unwrap_hf(unwrapped_student)
-        batch, total = rows.input_ids.shape
-        dtype = student_hf.get_input_embeddings().weight.dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
-        mask4d = make_4d_mask(student_hf, rows.mask_function(), batch, total, total, device=device, dtype=dtype)
+        batch = rows.input_ids.shape[0]
         hidden = _backbone(unwrapped_student)(
-            input_ids=rows.input_ids, attention_mask=mask4d, position_ids=rows.position_ids, use_cache=False
+            input_ids=rows.input_ids,
+            attention_mask=rows.attention_mask(student_hf),
+            position_ids=rows.position_ids,
+            use_cache=False,
         ).last_hidden_state
         student_hidden = hidden[:, rows.noisy_slice]
 
